@@ -1,0 +1,1 @@
+"""Interaction maps: which input atoms and output fields each parameter element touches."""

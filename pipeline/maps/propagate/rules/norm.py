@@ -1,0 +1,55 @@
+"""Normalisation: layer_norm mixes the normalised axes, batch_norm (eval) keeps channels apart.
+
+The affine weight of a normalisation multiplies the normalised value and the bias is added
+to that product, so both record the normalised value's set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.maps.propagate.interpreter import rule
+from pipeline.maps.propagate.rules.common import bind, letters, shape, tensors_out
+
+
+@rule("native_layer_norm", "layer_norm")
+def layer_norm(ix, func, args, kwargs, out):
+    bound = bind(func, args, kwargs)
+    x = bound["input"]
+    k = len(bound["normalized_shape"])
+    dims = tuple(range(x.dim() - k, x.dim()))
+    engine = ix.engine
+    value = engine.mix(ix.value(x), shape(x), dims)
+    for key in ("weight", "bias"):
+        param = bound.get(key)
+        if isinstance(param, torch.Tensor):
+            value = engine.elementwise([(value, shape(x)), (ix.value(param), shape(param))], shape(x))
+    outs = tensors_out(out)
+    ix.assign(outs[0], value)
+    for stat in outs[1:]:
+        source = letters(x.dim())
+        target = "".join(c if i not in dims else c.upper() for i, c in enumerate(source))
+        ix.assign(stat, engine.einsum([(ix.value(x), source, shape(x))], target, shape(stat)) if stat.dim() == x.dim() else None)
+
+
+@rule("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "batch_norm", "_batch_norm_impl_index", "native_group_norm", "group_norm", "instance_norm")
+def channel_norm(ix, func, args, kwargs, out):
+    bound = bind(func, args, kwargs)
+    x = bound["input"]
+    name = func.overloadpacket.__name__
+    training = bool(bound.get("training", False)) and name != "_native_batch_norm_legit_no_training"
+    engine = ix.engine
+    value = ix.value(x)
+    if name in ("native_group_norm", "group_norm", "instance_norm") or training:
+        # Statistics over the batch (training) or over a channel group mix positions.
+        dims = tuple(d for d in range(x.dim()) if d != 1) if training else tuple(range(1, x.dim()))
+        value = engine.mix(value, shape(x), dims)
+    source = letters(x.dim())
+    for key in ("weight", "bias"):
+        param = bound.get(key)
+        if isinstance(param, torch.Tensor):
+            value = engine.einsum([(value, source, shape(x)), (ix.value(param), source[1], shape(param))], source, shape(x))
+    outs = tensors_out(out)
+    ix.assign(outs[0], value)
+    for stat in outs[1:]:
+        ix.assign(stat, None)
