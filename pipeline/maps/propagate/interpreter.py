@@ -123,6 +123,10 @@ class Interpreter:
             return out
         name = func.overloadpacket.__name__
         handler = RULES.get(name)
+        if handler is None and name.endswith("_"):
+            # In-place variants (transpose_, unsqueeze_ ...) return their first argument,
+            # whose value the out-of-place rule then replaces.
+            handler = RULES.get(name[:-1])
         if handler is None and torch.Tag.pointwise in func.tags:
             handler = RULES["<pointwise>"]
         if handler is None:
@@ -152,15 +156,27 @@ class SetDispatchMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        interpreter = self.interpreter
+        name = func.overloadpacket.__name__
+        if name.endswith("_") and args and isinstance(args[0], torch.Tensor) and interpreter.tracked(args, kwargs):
+            # An in-place op changes its first argument's shape or values; its rule needs the
+            # tensor as it was, so a stand-in with the old shape takes its place.
+            before = torch.empty(args[0].shape, dtype=args[0].dtype, device=args[0].device)
+            interpreter.assign(before, interpreter.value(args[0]))
+            out = self._run(func, args, kwargs)
+            return interpreter.handle(func, (before, *args[1:]), kwargs, out)
+        out = self._run(func, args, kwargs)
+        return interpreter.handle(func, args, kwargs, out)
+
+    def _run(self, func, args, kwargs):
         try:
-            out = func(*args, **kwargs)
+            return func(*args, **kwargs)
         except (NotImplementedError, RuntimeError) as e:
             raise PropagationError(
                 f"op {func} failed on the meta device in module "
                 f"{self.interpreter.module_path()!r}: {e}. Set propagation runs the model on "
                 "meta tensors, so forward() must not depend on input values"
             ) from e
-        return self.interpreter.handle(func, args, kwargs, out)
 
 
 class RecurrenceMode(TorchFunctionMode):

@@ -49,3 +49,9 @@ def dims_of(dim: Any, ndim: int) -> tuple[int, ...]:
     if isinstance(dim, int):
         dim = [dim]
     return tuple(d % ndim for d in dim) if ndim else ()
+
+
+def op_name(func: Any) -> str:
+    """Return the op's name without the trailing underscore of in-place variants."""
+    name = func.overloadpacket.__name__
+    return name[:-1] if name.endswith("_") else name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.maps.propagate.interpreter import rule
-from pipeline.maps.propagate.rules.common import bind, shape
+from pipeline.maps.propagate.rules.common import op_name, bind, shape
 from pipeline.maps.propagate.values import SetValue
 
 
@@ -93,7 +93,7 @@ def pooling(ix, func, args, kwargs, out):
 
     x = args[0]
     n = x.dim()
-    spatial = 1 if func.overloadpacket.__name__.endswith("1d") else 3 if func.overloadpacket.__name__.endswith("3d") else 2
+    spatial = 1 if op_name(func).endswith("1d") else 3 if op_name(func).endswith("3d") else 2
     lead = n - spatial
     source = letters(n)
     for tensor in tensors_out(out):

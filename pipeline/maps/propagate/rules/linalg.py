@@ -9,7 +9,7 @@ added to.
 from __future__ import annotations
 
 from pipeline.maps.propagate.interpreter import rule
-from pipeline.maps.propagate.rules.common import bind, shape
+from pipeline.maps.propagate.rules.common import op_name, bind, shape
 
 
 def _contract(ix, out, operands, out_letters):
@@ -43,7 +43,7 @@ def dot(ix, func, args, kwargs, out):
 def add_product(ix, func, args, kwargs, out):
     """``beta * self + alpha * (a @ b)``: self acts like a bias on the product."""
     bound = bind(func, args, kwargs)
-    name = func.overloadpacket.__name__
+    name = op_name(func)
     pattern = {"addmm": ("mk", "kn", "mn"), "baddbmm": ("bmk", "bkn", "bmn"), "addmv": ("mk", "k", "m")}[name]
     a_letters, b_letters, out_letters = pattern
     base = bound["self"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.maps.propagate.interpreter import UnsupportedOpError, rule
-from pipeline.maps.propagate.rules.common import bind, letters, shape, tensors_in, tensors_out
+from pipeline.maps.propagate.rules.common import op_name, bind, letters, shape, tensors_in, tensors_out
 from pipeline.maps.propagate.values import ALL, AxisMap, ParamView, SetValue
 
 IDENTITY = ("clone", "contiguous", "alias", "detach", "_to_copy", "lift_fresh", "lift_fresh_copy", "to", "_conj", "resolve_conj", "resolve_neg")
@@ -31,7 +31,7 @@ def permute(ix, func, args, kwargs, out):
     bound = bind(func, args, kwargs)
     x = bound["self"]
     n = x.dim()
-    name = func.overloadpacket.__name__
+    name = op_name(func)
     if name in ("t", "numpy_T", "mT"):
         order = list(range(n))
         if n >= 2:
@@ -164,7 +164,7 @@ def slice_(ix, func, args, kwargs, out):
         return
     dim = bound["dim"] % x.dim()
     size = x.shape[dim]
-    if func.overloadpacket.__name__ == "narrow":
+    if op_name(func) == "narrow":
         start, stop, step = bound["start"], bound["start"] + bound["length"], 1
     else:
         start = bound.get("start") or 0
@@ -200,7 +200,7 @@ def split(ix, func, args, kwargs, out):
     size = x.shape[dim]
     start = 0
     for piece in tensors_out(out):
-        if func.overloadpacket.__name__ == "unbind":
+        if op_name(func) == "unbind":
             ix.assign(piece, tuple(_select_view(v, dim, start, size) for v in value))
             start += 1
             continue
@@ -265,7 +265,7 @@ def _move(ix, func, args, kwargs, out):
 
     cpu_args = to_positions(args)
     cpu_kwargs = {k: to_positions(v) for k, v in kwargs.items() if k not in ("dtype", "device", "layout", "memory_format", "pin_memory")}
-    name = func.overloadpacket.__name__
+    name = op_name(func)
     if name == "constant_pad_nd":
         cpu_args = (cpu_args[0], cpu_args[1], -1)
     positions = func(*cpu_args, **cpu_kwargs)

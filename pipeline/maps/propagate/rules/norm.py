@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.maps.propagate.interpreter import rule
-from pipeline.maps.propagate.rules.common import bind, letters, shape, tensors_out
+from pipeline.maps.propagate.rules.common import op_name, bind, letters, shape, tensors_out
 
 
 @rule("native_layer_norm", "layer_norm")
@@ -36,7 +36,7 @@ def layer_norm(ix, func, args, kwargs, out):
 def channel_norm(ix, func, args, kwargs, out):
     bound = bind(func, args, kwargs)
     x = bound["input"]
-    name = func.overloadpacket.__name__
+    name = op_name(func)
     training = bool(bound.get("training", False)) and name != "_native_batch_norm_legit_no_training"
     engine = ix.engine
     value = ix.value(x)
