@@ -89,12 +89,20 @@ class SetTable:
         if not bool(a.any()):
             return _broadcast_reduced(b, a)
         shape = torch.broadcast_shapes(a.shape, b.shape)
-        pairs = torch.stack([a.expand(shape).reshape(-1), b.expand(shape).reshape(-1)], dim=1)
-        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        left = a.expand(shape).reshape(-1)
+        right = b.expand(shape).reshape(-1)
+        merged = self._union_pairs(left, right)
+        return compress(merged.reshape(shape))
+
+    def _union_pairs(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Union two flat id tensors element by element, computing each distinct pair once."""
+        width = len(self._bits) + 1
+        keys = left * width + right
+        unique, inverse = torch.unique(keys, return_inverse=True)
         merged = torch.tensor(
-            [self.union_id(int(x), int(y)) for x, y in unique.tolist()], dtype=torch.int64
+            [self.union_id(k // width, k % width) for k in unique.tolist()], dtype=torch.int64
         )
-        return compress(merged[inverse].reshape(shape))
+        return merged[inverse]
 
     def union_reduce(self, ids: torch.Tensor, dims: int | tuple[int, ...], keepdim: bool = True) -> torch.Tensor:
         """Union ids over ``dims``: each output element is the union along those axes."""
@@ -129,13 +137,21 @@ class SetTable:
 
     def scatter_union(self, target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Union ``values[i]`` into ``target[index[i]]`` for flat 1-D tensors; repeats allowed."""
-        if values.numel() == 0:
+        keep = values != EMPTY
+        if not bool(keep.any()):
             return target
-        pairs = torch.stack([index, values], dim=1)
-        unique = torch.unique(pairs, dim=0)
+        width = len(self._bits) + 1
+        keys = torch.unique(index[keep] * width + values[keep])
+        positions, ids = keys // width, keys % width
         out = target.clone()
-        for position, value in unique.tolist():
-            out[position] = self.union_id(int(out[position]), value)
+        # Keys are sorted by position, so each round takes the next distinct value of every
+        # position; rounds = the most distinct values that reach one position.
+        while positions.numel():
+            first = torch.ones_like(positions, dtype=torch.bool)
+            first[1:] = positions[1:] != positions[:-1]
+            chosen = positions[first]
+            out[chosen] = self._union_pairs(out[chosen], ids[first])
+            positions, ids = positions[~first], ids[~first]
         return out
 
     def atoms_in(self, set_id: int, mask: int) -> int:
