@@ -15,6 +15,10 @@ broadcast to the parameter's shape. Its string metadata holds:
 - ``sets``: a JSON list of sets, each a sorted list of atom indices; position = set id;
 - ``shapes``: a JSON object from parameter name to its full shape;
 - ``tied``: a JSON object from each tied parameter name to the name whose map it shares;
+- ``roles``: a JSON object from parameter name to one role per axis: ``in`` when the
+  parameter's uses contract that axis with a co-operand (a weight's input columns, an
+  embedding's rows), ``out`` when the axis stays in the result (a weight's output rows, a
+  bias), ``in+out`` for both, and an empty string for an axis no use touched;
 - ``schema``: the feature schema as JSON.
 """
 
@@ -45,6 +49,7 @@ class ParamMap:
     shape: tuple[int, ...]
     inputs: torch.Tensor
     outputs: torch.Tensor
+    roles: tuple[str, ...] = ()
 
     def dense_inputs(self) -> torch.Tensor:
         return self.inputs.expand(self.shape)
@@ -123,6 +128,7 @@ class InteractionMap:
             "sets": json.dumps([self.table.members(i) for i in range(len(self.table))]),
             "shapes": json.dumps({n: list(p.shape) for n, p in self.params.items()}),
             "tied": json.dumps(self.tied),
+            "roles": json.dumps({n: list(p.roles) for n, p in self.params.items()}),
             "schema": json.dumps(self.schema.to_json() if self.schema else None),
         }
         save_file(tensors, str(path), metadata=metadata)
@@ -149,11 +155,13 @@ class InteractionMap:
             remap.append(table.intern_atoms(members))
         lookup = torch.tensor(remap, dtype=torch.int64)
         shapes = json.loads(metadata["shapes"])
+        roles = json.loads(metadata.get("roles", "{}"))
         params = {
             name: ParamMap(
                 tuple(shape),
                 lookup[tensors[f"inputs/{name}"].to(torch.int64)],
                 lookup[tensors[f"outputs/{name}"].to(torch.int64)],
+                tuple(roles.get(name, ())),
             )
             for name, shape in shapes.items()
         }

@@ -85,7 +85,12 @@ def set_map(module: nn.Module, schema: FeatureSchema, *, batch_size: int = 2) ->
     interpreter.engine.run_backward()
 
     params = {
-        name: ParamMap(record.shape, compress(record.inputs), compress(record.outputs))
+        name: ParamMap(
+            record.shape,
+            compress(record.inputs),
+            compress(record.outputs),
+            tuple("+".join(sorted(r)) for r in record.roles),
+        )
         for name, record in interpreter.params.items()
     }
     logger.info("set map: %d parameters, %d distinct sets in %.2f s", len(params), len(table), time.perf_counter() - started)

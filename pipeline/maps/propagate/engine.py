@@ -75,8 +75,13 @@ class Engine:
                 reduced = _reduce_to(table, value.ids, other_letters, other_shape, letters, dict(zip(letters, shape)))
                 co = table.union(co, _arrange(reduced, other_letters, letters))
             co = _reduce_broadcast(table, co, letters, shape, sizes)
+            roles = [
+                "out" if letter in out_letters and not (shape[k] == 1 and sizes[letter] > 1) else "in"
+                for k, letter in enumerate(letters)
+            ]
             for view in views:
                 view.record(table, co, "inputs")
+                view.mark_roles(roles)
 
         def backward() -> None:
             if result.bwd is None:

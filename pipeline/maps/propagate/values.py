@@ -55,11 +55,13 @@ class ParamRecord:
     shape: tuple[int, ...]
     inputs: torch.Tensor = field(default=None)  # type: ignore[assignment]
     outputs: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    roles: list[set[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         empty = torch.zeros((1,) * len(self.shape), dtype=torch.int64)
         self.inputs = empty
         self.outputs = empty.clone()
+        self.roles = [set() for _ in self.shape]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,21 @@ class ParamView:
     @classmethod
     def whole(cls, param: ParamRecord) -> "ParamView":
         return cls(param, tuple(AxisMap(p) for p in range(len(param.shape))))
+
+    def mark_roles(self, view_roles: list[str]) -> None:
+        """Note for each parameter axis whether a use contracts it ("in") or keeps it ("out").
+
+        Parameter axes that no view axis maps (reduced away) count as contracted.
+        """
+        mapped = set()
+        for axis, role in zip(self.axes, view_roles):
+            if axis.param_axis is not None:
+                self.param.roles[axis.param_axis].add(role)
+                mapped.add(axis.param_axis)
+        fixed = {p for p, _ in self.fixed}
+        for p in range(len(self.param.shape)):
+            if p not in mapped and p not in fixed:
+                self.param.roles[p].add("in")
 
     def record(self, table: SetTable, ids: torch.Tensor, side: str) -> None:
         """Union ``ids`` (reduced, in view layout) into the parameter's ``side`` map."""

@@ -51,13 +51,16 @@ def convolution(ix, func, args, kwargs, out):
         else:
             grouped = per_channel.reshape(groups, 1, group_in).expand(groups, group_out, group_in).reshape(c_out, group_in)
             co = grouped.reshape(c_out, group_in, *unit)
+        roles = ["in", "out"] if transposed else ["out", "in"]
         for view in w_value:
             view.record(table, co, "inputs")
+            view.mark_roles(roles + ["in"] * spatial)
 
     result = SetValue(out_channel_ids.reshape(1, c_out, *unit), shape(out))
     if isinstance(b_value, tuple):
         for view in b_value:
             view.record(table, out_channel_ids, "inputs")
+            view.mark_roles(["out"])
     elif isinstance(b_value, SetValue):
         result = SetValue(table.union(result.ids, b_value.ids.reshape(1, -1, *unit)), shape(out))
     ix.assign(out, result)

@@ -65,6 +65,7 @@ def _lookup(ix, weight, indices, extra, out):
         row_ids, selectable = _row_sets(ix, index_set, rows)
         for view in weight_value:
             view.record(table, row_ids, "inputs")
+            view.mark_roles(["in", "out"])
 
     def backward():
         if result.bwd is None:
