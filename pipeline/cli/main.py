@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pipeline import __version__
-from pipeline.cli import map_commands
+from pipeline.cli import map_commands, workflow_commands
 
 logger = logging.getLogger("pipeline.cli")
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True)
     map_commands.register(commands)
+    workflow_commands.register(commands)
     return parser
 
 
