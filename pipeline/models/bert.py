@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -257,6 +258,10 @@ def build(
     pooler: bool = True,
     normalize: bool = False,
     probe_length: int = 4,
+    overrides: dict[str, Any] | None = None,
+    add_tokens: Sequence[str] | None = None,
+    drop_tokens: str | None = None,
+    sort_tokens: bool = False,
 ) -> tuple[BertFeatureModel, FeatureSchema]:
     """Build a randomly initialised BERT encoder and its schema, from a folder or inline config.
 
@@ -265,6 +270,18 @@ def build(
     ``normalize`` L2-normalises the sentence embedding (sentence-transformers' Normalize
     module). ``pooler`` keeps BertModel's pooler so checkpoints that contain it load strictly.
     The module is returned in eval mode, so dropout is off.
+
+    Changes for surgery, applied in this order to a folder's or an inline model:
+
+    - ``overrides``: BertConfig fields to change, e.g. ``intermediate_size``,
+      ``num_hidden_layers`` or ``max_position_embeddings``;
+    - ``vocab``: with ``path``, a replacement token list (or vocab.txt path);
+    - ``drop_tokens``: a regular expression; matching tokens leave the vocabulary;
+    - ``sort_tokens``: sort the tokens, keeping the special tokens ``[PAD] [UNK] [CLS]
+      [SEP] [MASK]`` first in that order, so every other token gets a new id;
+    - ``add_tokens``: tokens appended to the vocabulary.
+
+    ``vocab_size`` always follows the final vocabulary.
     """
     transformers = import_transformers()
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -278,14 +295,20 @@ def build(
             "with 'vocab')"
         )
     if path is not None:
-        if vocab is not None:
-            raise BertAdapterError("'vocab' is read from the folder's vocab.txt; drop 'vocab'")
         folder = resolve_model_path(path)
         bert_config = transformers.BertConfig.from_json_file(str(folder / "config.json"))
-        tokens = read_vocab(folder / "vocab.txt")
+        tokens = read_vocab(folder / "vocab.txt") if vocab is None else _inline_vocab(vocab)
+        bert_config.vocab_size = len(tokens)
     else:
         tokens = _inline_vocab(vocab)
         bert_config = _inline_config(transformers, config, len(tokens))
+    tokens = edit_vocabulary(tokens, drop_tokens=drop_tokens, sort_tokens=sort_tokens, add_tokens=add_tokens)
+    if overrides:
+        _apply_overrides(transformers, bert_config, overrides)
+    if drop_tokens is not None or sort_tokens or add_tokens:
+        bert_config.vocab_size = len(tokens)
+        if bert_config.pad_token_id is not None and "[PAD]" in tokens:
+            bert_config.pad_token_id = tokens.index("[PAD]")
 
     if bert_config.vocab_size != len(tokens):
         raise BertAdapterError(
@@ -296,6 +319,53 @@ def build(
     bert = transformers.BertModel(bert_config, add_pooling_layer=pooler)
     module = BertFeatureModel(bert, normalize=normalize).eval()
     return module, bert_schema(bert_config, tokens, probe_length)
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def edit_vocabulary(
+    tokens: Sequence[str],
+    *,
+    drop_tokens: str | None = None,
+    sort_tokens: bool = False,
+    add_tokens: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    """Drop, sort and append tokens as :func:`build` documents."""
+    result = list(tokens)
+    if drop_tokens is not None:
+        try:
+            pattern = re.compile(drop_tokens)
+        except re.error as e:
+            raise BertAdapterError(f"drop_tokens {drop_tokens!r} is not a valid regular expression: {e}") from e
+        result = [t for t in result if not pattern.fullmatch(t)]
+        dropped = [t for t in SPECIAL_TOKENS if t in tokens and t not in result]
+        if dropped:
+            raise BertAdapterError(f"drop_tokens {drop_tokens!r} removes the special tokens {dropped}; narrow the pattern")
+    if sort_tokens:
+        special = [t for t in SPECIAL_TOKENS if t in result]
+        result = special + sorted(t for t in result if t not in SPECIAL_TOKENS)
+    if add_tokens:
+        if isinstance(add_tokens, str):
+            raise BertAdapterError("add_tokens must be a list of tokens, not one string")
+        clashes = sorted(set(result) & {str(t) for t in add_tokens})
+        if clashes:
+            raise BertAdapterError(f"add_tokens {clashes[:5]} are already in the vocabulary")
+        result.extend(str(t) for t in add_tokens)
+    return check_tokens(result)
+
+
+def _apply_overrides(transformers: Any, bert_config: Any, overrides: dict[str, Any]) -> None:
+    if not isinstance(overrides, dict):
+        raise BertAdapterError(f"'overrides' must be a mapping of BertConfig fields, got {overrides!r}")
+    known = set(transformers.BertConfig().to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise BertAdapterError(f"unknown BertConfig fields in overrides: {unknown}")
+    if "vocab_size" in overrides:
+        raise BertAdapterError("vocab_size follows the vocabulary; change it with vocab, drop_tokens or add_tokens")
+    for key, value in overrides.items():
+        setattr(bert_config, key, value)
 
 
 def _inline_vocab(vocab: Sequence[str] | str | None) -> tuple[str, ...]:

