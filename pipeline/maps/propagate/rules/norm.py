@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.maps.propagate.interpreter import rule
+from pipeline.maps.propagate.values import SetValue
+from pipeline.maps.sets import compress
 from pipeline.maps.propagate.rules.common import op_name, bind, letters, shape, tensors_out
 
 
@@ -40,10 +42,14 @@ def channel_norm(ix, func, args, kwargs, out):
     training = bool(bound.get("training", False)) and name != "_native_batch_norm_legit_no_training"
     engine = ix.engine
     value = ix.value(x)
-    if name in ("native_group_norm", "group_norm", "instance_norm") or training:
-        # Statistics over the batch (training) or over a channel group mix positions.
-        dims = tuple(d for d in range(x.dim()) if d != 1) if training else tuple(range(1, x.dim()))
-        value = engine.mix(value, shape(x), dims)
+    if name in ("native_group_norm", "group_norm"):
+        groups = bound.get("group", bound.get("num_groups")) or 1
+        value = _group_mix(ix, value, shape(x), groups)
+    elif name == "instance_norm":
+        value = engine.mix(value, shape(x), tuple(range(2, x.dim())))
+    elif training:
+        # Batch statistics mix every position of a channel, across the batch.
+        value = engine.mix(value, shape(x), tuple(d for d in range(x.dim()) if d != 1))
     source = letters(x.dim())
     for key in ("weight", "bias"):
         param = bound.get(key)
@@ -53,3 +59,27 @@ def channel_norm(ix, func, args, kwargs, out):
     ix.assign(outs[0], value)
     for stat in outs[1:]:
         ix.assign(stat, None)
+
+
+def _group_mix(ix, value, x_shape, groups: int):
+    """Every element of a channel group depends on all positions of all its channels."""
+    if not isinstance(value, SetValue):
+        return value
+    table = ix.table
+    channels = x_shape[1]
+    spatial = tuple(range(2, len(x_shape)))
+    per_channel = table.union_reduce(value.ids, (0, *spatial), keepdim=False).expand(channels)
+    grouped = table.union_reduce(per_channel.reshape(groups, channels // groups), 1, keepdim=True)
+    ids = grouped.expand(groups, channels // groups).reshape(1, channels, *([1] * len(spatial)))
+    result = SetValue(compress(ids), x_shape)
+
+    def backward():
+        if result.bwd is None:
+            return
+        grad = table.union_reduce(result.bwd, (0, *spatial), keepdim=False).expand(channels)
+        merged = table.union_reduce(grad.reshape(groups, channels // groups), 1, keepdim=True)
+        back = merged.expand(groups, channels // groups).reshape(1, channels, *([1] * len(spatial)))
+        value.add_bwd(table, compress(back))
+
+    ix.engine.tape.append(backward)
+    return result
