@@ -69,6 +69,7 @@ class Engine:
             out_ids = table.union(out_ids, _arrange(reduced, letters, out_letters))
         result = SetValue(compress(out_ids), out_shape)
 
+        co_of_param = []
         for views, letters, shape in params:
             co = torch.zeros((1,) * len(letters), dtype=torch.int64)
             for value, other_letters, other_shape in activations:
@@ -79,6 +80,7 @@ class Engine:
                 "out" if letter in out_letters and not (shape[k] == 1 and sizes[letter] > 1) else "in"
                 for k, letter in enumerate(letters)
             ]
+            co_of_param.append(co)
             for view in views:
                 view.record(table, co, "inputs")
                 view.mark_roles(roles)
@@ -91,9 +93,10 @@ class Engine:
                 back = _reduce_to(table, grad, out_letters, out_shape, letters, dict(zip(letters, shape)))
                 back = _reduce_broadcast(table, _arrange(back, out_letters, letters), letters, shape, sizes)
                 value.add_bwd(table, back)
-            for views, letters, shape in params:
+            for (views, letters, shape), co in zip(params, co_of_param):
                 back = _reduce_to(table, grad, out_letters, out_shape, letters, dict(zip(letters, shape)))
                 back = _reduce_broadcast(table, _arrange(back, out_letters, letters), letters, shape, sizes)
+                back = without_empty_cooperand(back, co)
                 for view in views:
                     view.record(table, back, "outputs")
 
@@ -179,6 +182,22 @@ class Engine:
         for step in reversed(self.tape):
             step()
         self.tape.clear()
+
+
+def without_empty_cooperand(back: torch.Tensor, co: torch.Tensor) -> torch.Tensor:
+    """Drop the output fields of parameter elements whose co-operand carries no atom.
+
+    Such an element multiplies (or is added to) a value that no input reaches: a slot a
+    scatter never writes, or a constant. It is treated as feeding no output, which is what
+    the gradient method sees for structural zeros.
+
+    NOTE: for a non-zero constant co-operand (a weight times a ones buffer) the gradient
+    method does see an output; the two methods differ there.
+    """
+    if not bool((co == 0).any()):
+        return back
+    shape = torch.broadcast_shapes(back.shape, co.shape)
+    return compress(torch.where(co.expand(shape) == 0, torch.zeros((), dtype=torch.int64), back.expand(shape)))
 
 
 # Layout helpers ---------------------------------------------------------------------------

@@ -193,6 +193,10 @@ class RecurrenceMode(TorchFunctionMode):
         handler = RECURRENT.get(getattr(func, "__name__", None))
         if handler is not None and self.interpreter.tracked(args, kwargs):
             return handler(self.interpreter, func, args, kwargs)
+        if func is torch.Tensor.__getitem__ and self.interpreter.tracked(args, kwargs):
+            from pipeline.maps.propagate.subscript import exact_getitem
+
+            return exact_getitem(self.interpreter, func, args)
         return func(*args, **kwargs)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.maps.propagate.interpreter import rule
 from pipeline.maps.propagate.rules.common import bind, letters, op_name, shape, tensors_out
+from pipeline.maps.propagate.engine import without_empty_cooperand
 from pipeline.maps.propagate.values import SetValue
 from pipeline.maps.sets import compress
 
@@ -102,8 +103,9 @@ def convolution(ix, func, args, kwargs, out):
             per_channel = table.union_reduce(ids, 1, keepdim=False)
             for g in range(groups):
                 co[(slice(g * group_out, (g + 1) * group_out), slice(None), *tap)] = per_channel[g * group_in:(g + 1) * group_in]
+        weight_co = compress(co)
         for view in w_value:
-            view.record(table, compress(co), "inputs")
+            view.record(table, weight_co, "inputs")
             view.mark_roles(["out", "in"] + ["in"] * spatial)
     if isinstance(b_value, tuple):
         per_out = table.union_reduce(out_ids, 1, keepdim=False)
@@ -124,8 +126,9 @@ def convolution(ix, func, args, kwargs, out):
                 seen = grad[:, source >= 0]
                 if seen.numel():
                     back[(slice(None), 0, *tap)] = table.union_reduce(seen, 1, keepdim=False)
+            back = without_empty_cooperand(back, weight_co)
             for view in w_value:
-                view.record(table, compress(back), "outputs")
+                view.record(table, back, "outputs")
         if isinstance(b_value, tuple):
             for view in b_value:
                 view.record(table, compress(table.union_reduce(grad, 1, keepdim=False)), "outputs")
