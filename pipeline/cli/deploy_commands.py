@@ -42,7 +42,7 @@ def register(commands) -> None:
 
 
 def run_submit(args) -> int:
-    from pipeline.cli.main import CommandError
+    from pipeline.cli.errors import CommandError
     from pipeline.deploy import DeployError, build_migration_job, default_image
     from pipeline.deploy.job import check_image
     from pipeline.deploy.workflow_files import check_deployed, files_for_job

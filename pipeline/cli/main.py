@@ -7,17 +7,17 @@ import logging
 import sys
 
 from pipeline import __version__
-from pipeline.cli import map_commands, workflow_commands
+from pipeline.cli import (
+    deploy_commands,
+    map_commands,
+    plan_commands,
+    registry_commands,
+    run_commands,
+    workflow_commands,
+)
+from pipeline.cli.errors import CommandError
 
 logger = logging.getLogger("pipeline.cli")
-
-
-class CommandError(Exception):
-    """A failure the CLI reports as one line on stderr with a non-zero exit status."""
-
-    def __init__(self, message: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True)
     map_commands.register(commands)
+    plan_commands.register(commands)
     workflow_commands.register(commands)
+    registry_commands.register(commands)
+    run_commands.register(commands)
+    deploy_commands.register(commands)
     return parser
 
 
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # dask.distributed logs every connection at INFO; show it only at -vv.
+    logging.getLogger("distributed").setLevel(logging.DEBUG if args.verbose >= 2 else logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except CommandError as e:

@@ -30,7 +30,7 @@ def register(commands) -> None:
 
 
 def run_map(args) -> int:
-    from pipeline.cli.main import CommandError
+    from pipeline.cli.errors import CommandError
     from pipeline.maps.propagate import PropagationError, UnsupportedOpError
 
     try:
@@ -55,7 +55,7 @@ def run_map(args) -> int:
 
 
 def run_map_diff(args) -> int:
-    from pipeline.cli.main import CommandError
+    from pipeline.cli.errors import CommandError
 
     try:
         left = InteractionMap.load(args.left)

@@ -49,7 +49,7 @@ def register(commands) -> None:
 
 
 def _fail(e: Exception):
-    from pipeline.cli.main import CommandError
+    from pipeline.cli.errors import CommandError
 
     return CommandError(str(e))
 

@@ -29,6 +29,10 @@ def connect(scheduler: str | None = None, *, workers: int | None = None) -> Iter
     threads inside it.
     """
     address = scheduler or os.environ.get(SCHEDULER_ENV)
+    # dask.distributed sets its loggers to INFO when imported; keep them to warnings
+    # unless the caller asked for more.
+    if not logging.getLogger("pipeline").isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     if address:
         logger.info("connecting to Dask scheduler %s", address)
         try:
@@ -51,6 +55,7 @@ def connect(scheduler: str | None = None, *, workers: int | None = None) -> Iter
         processes=True,
         dashboard_address="127.0.0.1:0",
         host="127.0.0.1",
+        silence_logs=logging.WARNING,
     ) as cluster, Client(cluster) as client:
         logger.info("started a LocalCluster with %d workers", count)
         yield client

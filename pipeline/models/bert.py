@@ -454,6 +454,19 @@ def write_model_folder(
     return dest
 
 
+def model_files(module: BertFeatureModel, schema: FeatureSchema) -> dict[str, bytes]:
+    """Return ``config.json`` and ``vocab.txt`` for a published version of ``module``.
+
+    The surgery job calls this for the new model (built on the meta device is enough) and
+    publishes the files beside the weights, so the version is a complete model folder.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_model_folder(folder, module, schema)
+        return {name: (Path(folder) / name).read_bytes() for name in ("config.json", "vocab.txt")}
+
+
 def _check_schema_tables(schema: FeatureSchema, sizes: dict[str, int]) -> None:
     expected = {
         "tokens": sizes["vocab_size"],

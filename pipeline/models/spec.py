@@ -171,5 +171,16 @@ def named_outputs(result: Any, schema: FeatureSchema) -> dict[str, torch.Tensor]
     return {n: entries[n] for n in names}
 
 
+def model_files(spec: ModelSpec, module: nn.Module, schema: FeatureSchema) -> dict[str, bytes]:
+    """Return extra files to publish beside the weights (for example config.json).
+
+    A factory's module may define ``model_files(module, schema) -> {name: bytes}``; the
+    BERT adapter uses it to write the new ``config.json`` and ``vocab.txt``.
+    """
+    factory_module = importlib.import_module(spec.factory.partition(":")[0])
+    writer = getattr(factory_module, "model_files", None)
+    return dict(writer(module, schema)) if writer else {}
+
+
 def schema_json(schema: FeatureSchema) -> str:
     return json.dumps(schema.to_json(), sort_keys=True)
