@@ -142,7 +142,12 @@ def run_schedule(args) -> int:
     else:
         for o in outcomes:
             published = [r.version for r in o.result.results] if o.result else []
-            state = f"failed: {o.error}" if o.error else f"published {published}" if published else "nothing to migrate"
+            if o.error:
+                state = f"failed: {o.error}"
+            elif published:
+                state = f"published {published}"
+            else:
+                state = "nothing to migrate"
             print(f"{o.workflow}: pending {o.pending}; {state}" + (f"; skipped {o.skipped} (published by another run)" if o.skipped else ""))
     return 1 if failed else 0
 

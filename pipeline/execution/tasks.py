@@ -1,7 +1,7 @@
 """Functions that run on Dask workers. Each takes plain, picklable arguments.
 
 Memory per shard task: the tensors of one output shard are produced one at a time and
-streamed to the shard's sink, so a task holds one new tensor, the old tensors it is
+streamed to the shard's sink, so a task keeps one new tensor, the old tensors it is
 built from, and the sink's part buffer; never a whole shard or checkpoint.
 """
 
@@ -61,8 +61,8 @@ def shard_task(
             raise RuntimeError(f"source {source.label} has no optimizer state, but the run planned an optimizer part")
         produce = _optimizer_producer(plans, reader, OldTensors(source.open_model()), old_param_names)
     try:
-        # A retried task (after a worker died) may find its own earlier shard under this
-        # run's claimed version; the claim makes the version ours, so it is safe to replace.
+        # A task retried after its worker died may find its own earlier shard. The run's
+        # claim makes the version ours, so replacing that shard is safe.
         writer.remove([shard.file])
         record = writer.write_shard(shard, produce)
     finally:

@@ -204,7 +204,12 @@ def pooling(ix, func, args, kwargs, out):
 
     x = args[0]
     n = x.dim()
-    spatial = 1 if op_name(func).endswith("1d") else 3 if op_name(func).endswith("3d") else 2
+    name = op_name(func)
+    spatial = 2
+    if name.endswith("1d"):
+        spatial = 1
+    elif name.endswith("3d"):
+        spatial = 3
     lead = n - spatial
     source = letters(n)
     for tensor in tensors_out(out):
