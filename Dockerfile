@@ -27,7 +27,7 @@ ARG TORCH_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY .ci/setup .ci/setup
+COPY .ci/setup .ci/constraints.txt .ci/
 COPY pipeline ./pipeline
 # pip takes the highest matching torch, and a local version such as 2.13.0+cpu sorts above
 # 2.13.0, so the extra index decides the torch build.
