@@ -14,8 +14,9 @@ the axis roles:
   biases: ``new_unit``.
 
 Tensors with no source are new heads, branches that read only new inputs, or inserted
-modules (``inserted``). Old input columns of removed constant fields are folded into
-biases. Planning reads no checkpoint: it works on reduced maps and per-axis index maps.
+modules (``inserted``, planned by :mod:`pipeline.plan.inserted`). Old input columns of
+removed constant fields are folded into biases. Planning reads no checkpoint: it works on
+reduced maps and per-axis index maps.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from pipeline.plan.model import (
 from pipeline.plan.options import (
     ModelNames, PlanOptions, RuleChoice, check_constants, check_names, expand_atom_renames,
 )
-from pipeline.plan.structure import ACTIVATION_TYPES, NORM_TYPES, ModelStructure, call_order
+from pipeline.plan.inserted import InsertedPlanning
+from pipeline.plan.structure import ModelStructure, call_sequence
 from pipeline.schema import FeatureSchema
 
 logger = logging.getLogger(__name__)
@@ -79,13 +81,14 @@ class _Issue:
 
 
 @dataclass
-class _Planner:
+class _Planner(InsertedPlanning):
     old: ModelSide
     new: ModelSide
     options: PlanOptions
     issues: list[_Issue] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     region_errors: list[float] = field(default_factory=list)
+    post_ln_mismatch: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         opts = self.options
@@ -110,7 +113,7 @@ class _Planner:
         self.kept_outputs = {t.partition(":")[2].partition("/")[0] for t in shared if t.startswith("output:")}
         self.new_output_names = {o.name for o in self.new.schema.outputs}
         self.sources = self._match_names()
-        self._order: list[str] | None = None
+        self._sequence: list[str] | None = None
 
     # Names ------------------------------------------------------------------------------
 
@@ -137,10 +140,15 @@ class _Planner:
                 sources[target] = old_name
         return sources
 
+    def call_sequence(self) -> list[str]:
+        """Return the new model's leaf modules once per call of a forward pass."""
+        if self._sequence is None:
+            self._sequence = call_sequence(self.new.module, self.new.schema)
+        return self._sequence
+
     def call_order(self) -> list[str]:
-        if self._order is None:
-            self._order = call_order(self.new.module, self.new.schema)
-        return self._order
+        """Return the new model's leaf modules in the order of their first call."""
+        return list(dict.fromkeys(self.call_sequence()))
 
     # Whole plan -------------------------------------------------------------------------
 
@@ -149,16 +157,15 @@ class _Planner:
         plans: dict[str, ParamPlan] = {}
         fold_columns: dict[str, list[tuple[int, int, float, str]]] = {}
         seen_removed: set[str] = set()
-        unsourced: list[str] = []
+        unsourced = [n for n in self.new_state if n in new_imap.params and n not in new_imap.tied and n not in self.sources]
+        whole, inserted = self._classify_unsourced(unsourced)
+        moved = self._find_moved_affines(inserted)
+        # The LayerNorms whose weight and bias move into an inserted post-LN block are planned with it.
+        reset = {f"{m.block.previous}.{local}" for m in moved.values() if m.resets_previous for local in m.tensors}
         for name in self.new_state:
-            if name in new_imap.tied:
-                continue
-            if name in new_imap.params:
-                if name in self.sources:
-                    plans[name] = self._plan_sourced(name, fold_columns, seen_removed)
-                else:
-                    unsourced.append(name)
-        for name, pp in self._plan_unsourced(unsourced).items():
+            if name in new_imap.params and name not in new_imap.tied and name in self.sources and name not in reset:
+                plans[name] = self._plan_sourced(name, fold_columns, seen_removed)
+        for name, pp in self._plan_unsourced(whole, inserted, moved).items():
             plans[name] = pp
         self._attach_folds(plans, fold_columns)
         self._check_removed(seen_removed)
@@ -453,35 +460,6 @@ class _Planner:
 
     # Parameters without a source --------------------------------------------------------
 
-    def _plan_unsourced(self, names: list[str]) -> dict[str, ParamPlan]:
-        plans: dict[str, ParamPlan] = {}
-        inserted: dict[str, list[str]] = {}
-        for name in names:
-            sig = self.new_table.whole(self.new.imap.params[name])
-            if sig.raw_in and not sig.proj_in:
-                plans[name] = self._whole(name, "new_unit", self.options.rule_for("new_unit", name),
-                                          "reads only new inputs, whose consumers get zero weights")
-            elif sig.raw_out and not sig.proj_out:
-                plans[name] = self._whole(name, "new_head", self.options.rule_for("new_head", name),
-                                          "feeds only outputs that the old model does not have")
-            elif not sig.raw_in and not sig.raw_out:
-                plans[name] = self._whole(name, "new_unit", self.options.rule_for("new_unit", name),
-                                          "touches no input and no output")
-            else:
-                inserted.setdefault(self._inserted_prefix(name), []).append(name)
-        for prefix, members in inserted.items():
-            plans.update(self._plan_inserted(prefix, members))
-        return plans
-
-    def _inserted_prefix(self, name: str) -> str:
-        parts = name.split(".")
-        sourced = list(self.sources)
-        for k in range(1, len(parts)):
-            prefix = ".".join(parts[:k])
-            if not any(s.startswith(prefix + ".") for s in sourced):
-                return prefix
-        return name
-
     def _whole(self, name: str, situation: str, choice: RuleChoice, note: str, *, exact_override: bool | None = None,
                concrete: tuple[str, tuple] | None = None, issue: str | None = None) -> ParamPlan:
         """Plan a tensor with no source as one region over all of it."""
@@ -510,69 +488,6 @@ class _Planner:
             axes=tuple(AxisPlan.new(size, role) for size, role in zip(shape, roles)),
             regions=(region,) if region.count() else (), notes=tuple(notes), exact=exact,
         )
-
-    def _plan_inserted(self, prefix: str, names: list[str]) -> dict[str, ParamPlan]:
-        module = self.new_struct.modules.get(prefix)
-        mode = self.options.inserted_mode(prefix) or self.options.rule_for("inserted", names[0]).rule
-        zero = ("zero", ())
-        if module is None:
-            # A new tensor on an existing module, such as a bias that the old layer lacked.
-            return {n: self._whole(n, "inserted", RuleChoice("zero"), "new tensor of an existing module; zero adds nothing", concrete=zero) for n in names}
-        if mode == "auto":
-            mode = "identity" if isinstance(module, nn.Linear) else "residual"
-        if mode == "default":
-            return {n: self._whole(n, "inserted", RuleChoice("default", (("scale", 1.0),)), f"inserted module {prefix!r} with default init") for n in names}
-        if mode == "identity":
-            return self._plan_identity(prefix, module, names)
-        return self._plan_residual(prefix, names)
-
-    def _plan_identity(self, prefix: str, module: nn.Module, names: list[str]) -> dict[str, ParamPlan]:
-        if not isinstance(module, nn.Linear) or module.in_features != module.out_features:
-            raise PlanError(
-                f"inserted module {prefix!r} is a {type(module).__name__}; an identity init needs a square "
-                "nn.Linear. Set 'inserted' for it to 'residual' or 'default' in the options"
-            )
-        order = self.call_order()
-        issue = None
-        if prefix in order:
-            position = order.index(prefix)
-            before = self.new_struct.modules.get(order[position - 1]) if position > 0 else None
-            after = self.new_struct.modules.get(order[position + 1]) if position + 1 < len(order) else None
-            if isinstance(after, ACTIVATION_TYPES) and not isinstance(before, ACTIVATION_TYPES):
-                issue = f"the identity layer {prefix!r} is followed by a ReLU but its input is not a ReLU output, so negative inputs change"
-        else:
-            issue = f"module {prefix!r} is never called in a forward pass"
-        plans = {}
-        for name in names:
-            local = name[len(prefix) + 1:]
-            concrete = ("eye", ()) if local == "weight" else ("zero", ())
-            plans[name] = self._whole(name, "inserted", RuleChoice("identity"),
-                                      f"identity layer {prefix!r} (Net2Net): weight I, bias 0", concrete=concrete, issue=issue)
-            issue = None
-        return plans
-
-    def _plan_residual(self, prefix: str, names: list[str]) -> dict[str, ParamPlan]:
-        order = [m for m in self.call_order() if m.startswith(prefix + ".") or m == prefix]
-        owners = {n: n.rpartition(".")[0] for n in names}
-        with_params = [m for m in order if m in owners.values() and not isinstance(self.new_struct.modules[m], NORM_TYPES)]
-        if not with_params:
-            raise PlanError(f"inserted module {prefix!r} is never called in a forward pass; cannot find its output projection")
-        projection = with_params[-1]
-        issue = None
-        later = order[order.index(projection) + 1:]
-        if any(isinstance(self.new_struct.modules[m], NORM_TYPES) for m in later):
-            issue = (f"a normalisation layer inside {prefix!r} runs after its output projection {projection!r} "
-                     "(post-LN), so a zero projection does not make the block an identity")
-        plans = {}
-        for name in names:
-            if owners[name] == projection:
-                plans[name] = self._whole(name, "inserted", RuleChoice("residual"),
-                                          f"output projection of inserted residual block {prefix!r}: zero", concrete=("zero", ()), issue=issue)
-                issue = None
-            else:
-                plans[name] = self._whole(name, "inserted", RuleChoice("default", (("scale", 1.0),)),
-                                          f"inside inserted residual block {prefix!r}; default init", exact_override=True)
-        return plans
 
     # Folds, removed fields, buffers -----------------------------------------------------
 
@@ -655,9 +570,10 @@ class _Planner:
 def build_plan(old: ModelSide, new: ModelSide, options: PlanOptions | None = None) -> Plan:
     """Build the surgery plan from ``old`` to ``new``.
 
-    Raises :class:`PlanError` for invalid options and for plans that cannot be exact
-    (a fold without a bias, new units under a LayerNorm, a post-LN inserted block, a
-    narrower layer) unless the options set ``accept_approximate``.
+    Raises :class:`PlanError` for invalid options. It also raises for plans that cannot be
+    exact unless the options set ``accept_approximate``: a fold without a bias, new units
+    under a LayerNorm, a post-LN inserted block that no LayerNorm weight and bias can move
+    into, or a narrower layer.
     """
     started = time.perf_counter()
     planner = _Planner(old, new, options or PlanOptions())

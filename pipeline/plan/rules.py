@@ -8,6 +8,7 @@ further knowledge of the model:
 concrete   values
 ========== ===================================================================
 zero       0
+ones       1
 constant   ``value``
 mask       ``value`` (a large negative logit bias)
 uniform    U(-bound, bound), seeded
@@ -35,7 +36,7 @@ from pipeline.plan.model import InitRegion, PlanError, range_indices
 from pipeline.plan.options import RuleChoice
 from pipeline.plan.structure import InitScale
 
-CONCRETE_RULES = ("zero", "constant", "mask", "uniform", "normal", "eye", "mean_rows", "copy_row")
+CONCRETE_RULES = ("zero", "ones", "constant", "mask", "uniform", "normal", "eye", "mean_rows", "copy_row")
 
 # Regions are applied in this order; rules that read the tensor being built come last.
 SITUATION_ORDER = ("new_input", "new_unit", "new_unit_out", "new_output", "new_head", "inserted", "new_category")
@@ -139,6 +140,8 @@ def region_values(region: InitRegion, index: Sequence[torch.Tensor], built: torc
     rule = region.rule
     if rule == "zero":
         return torch.zeros(shape, dtype=torch.float32)
+    if rule == "ones":
+        return torch.ones(shape, dtype=torch.float32)
     if rule in ("constant", "mask"):
         return torch.full(shape, float(region.param("value")), dtype=torch.float32)
     if rule in ("uniform", "normal"):

@@ -111,17 +111,26 @@ def call_order(module: nn.Module, schema: FeatureSchema) -> list[str]:
     Runs one forward pass of ``module`` on meta inputs, so ``module`` should be built on
     the meta device.
     """
+    return list(dict.fromkeys(call_sequence(module, schema)))
+
+
+def call_sequence(module: nn.Module, schema: FeatureSchema) -> list[str]:
+    """Return the names of the leaf modules a forward pass calls, once per call, in call order.
+
+    A module called twice (shared weights, a reused dropout) appears twice. Runs one
+    forward pass of ``module`` on meta inputs, so ``module`` should be built on the meta
+    device.
+    """
     from pipeline.examples.inputs import example_inputs
 
     names = {id(m): name for name, m in module.named_modules()}
-    order: list[str] = []
-    seen: set[str] = set()
+    sequence: list[str] = []
 
     def record(mod, args):
         name = names.get(id(mod))
-        if name is not None and name not in seen and not any(True for _ in mod.children()):
-            seen.add(name)
-            order.append(name)
+        has_own = any(True for _ in mod.parameters(recurse=False))
+        if name is not None and (has_own or not any(True for _ in mod.children())):
+            sequence.append(name)
 
     handle = nn.modules.module.register_module_forward_pre_hook(record)
     was_training = module.training
@@ -132,4 +141,27 @@ def call_order(module: nn.Module, schema: FeatureSchema) -> list[str]:
     finally:
         handle.remove()
         module.train(was_training)
-    return order
+    return _with_uncalled_children(module, sequence)
+
+
+def _with_uncalled_children(module: nn.Module, sequence: list[str]) -> list[str]:
+    """Insert, after each called module, its parameter-owning submodules that are never called.
+
+    ``nn.MultiheadAttention`` uses ``out_proj.weight`` inside its own forward without
+    calling ``out_proj``; its projection still runs last, so it follows the parent here.
+    """
+    called = set(sequence)
+    modules = dict(module.named_modules())
+    out: list[str] = []
+    for name in sequence:
+        out.append(name)
+        parent = modules.get(name)
+        if parent is None:
+            continue
+        for child_name, child in parent.named_modules(prefix=name):
+            if child_name == name or child_name in called:
+                continue
+            if any(True for _ in child.parameters(recurse=False)):
+                out.append(child_name)
+                called.add(child_name)
+    return out

@@ -139,11 +139,11 @@ def attention(fields=("x", "y", "hp"), units=4, width=8, heads=2, head_width=4, 
 class Block(nn.Module):
     """``x + fc2(relu(fc1(x)))``; with ``post_norm`` the sum goes through a LayerNorm (post-LN)."""
 
-    def __init__(self, width: int, hidden: int, post_norm: bool) -> None:
+    def __init__(self, width: int, hidden: int, post_norm: bool, norm_affine: bool = True, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
-        self.norm = nn.LayerNorm(width) if post_norm else None
+        self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=norm_affine) if post_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + self.fc2(torch.relu(self.fc1(x)))
@@ -151,12 +151,17 @@ class Block(nn.Module):
 
 
 class ResidualNet(nn.Module):
-    """An input projection, a list of residual blocks and a head."""
+    """An input projection, a list of residual blocks and a head.
 
-    def __init__(self, fields: int, width: int, hidden: int, blocks: int, actions: int, post_norm: bool) -> None:
+    ``norm_affine`` is one flag for every block's LayerNorm or a list with one flag per block.
+    """
+
+    def __init__(self, fields: int, width: int, hidden: int, blocks: int, actions: int, post_norm: bool,
+                 norm_affine: bool | list[bool] = True, norm_eps: float = 1e-5) -> None:
         super().__init__()
+        affine = list(norm_affine) if isinstance(norm_affine, (list, tuple)) else [norm_affine] * blocks
         self.embed = nn.Linear(fields, width)
-        self.blocks = nn.ModuleList(Block(width, hidden, post_norm) for _ in range(blocks))
+        self.blocks = nn.ModuleList(Block(width, hidden, post_norm, affine[i], norm_eps) for i in range(blocks))
         self.head = nn.Linear(width, actions)
 
     def forward(self, state: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -166,8 +171,10 @@ class ResidualNet(nn.Module):
         return {"action": self.head(x)}
 
 
-def residual(fields=("a", "b", "c"), width=8, hidden=12, blocks=2, actions=("l", "r"), post_norm=False):
-    return ResidualNet(len(fields), width, hidden, blocks, len(actions), post_norm), _schema("state", (), fields, actions)
+def residual(fields=("a", "b", "c"), width=8, hidden=12, blocks=2, actions=("l", "r"), post_norm=False,
+             norm_affine=True, norm_eps=1e-5):
+    net = ResidualNet(len(fields), width, hidden, blocks, len(actions), post_norm, norm_affine, norm_eps)
+    return net, _schema("state", (), fields, actions)
 
 
 class TiedLanguageModel(nn.Module):
@@ -192,3 +199,42 @@ def tied(tokens=("the", "cat", "sat", "on", "mat"), length=3, width=6):
         outputs=(OutputSpec("next", tuple(tokens)),),
     )
     return TiedLanguageModel(len(tokens), width), schema
+
+
+class PreLNLayer(nn.Module):
+    """A pre-LN transformer layer: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``."""
+
+    def __init__(self, width: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+
+
+class PreLNTransformer(nn.Module):
+    def __init__(self, fields: int, width: int, heads: int, hidden: int, layers: int, actions: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(fields, width)
+        self.layers = nn.ModuleList(PreLNLayer(width, heads, hidden) for _ in range(layers))
+        self.head = nn.Linear(width, actions)
+
+    def forward(self, units: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.embed(units)
+        for layer in self.layers:
+            x = layer(x)
+        return {"action": self.head(x.mean(dim=1))}
+
+
+def pre_ln(fields=("a", "b", "c"), entities=4, width=8, heads=2, hidden=12, layers=2, actions=("l", "r")):
+    schema = FeatureSchema(
+        inputs=(InputSpec("units", "continuous", (entities, len(fields)), tuple(fields)),),
+        outputs=(OutputSpec("action", tuple(actions)),),
+    )
+    return PreLNTransformer(len(fields), width, heads, hidden, layers, len(actions)), schema

@@ -95,9 +95,10 @@ def test_inserted_residual_block_has_zero_projection():
 
 
 def test_post_ln_block_cannot_be_identity():
+    # The new first block reads the output of a Linear layer, so no LayerNorm weight and bias can move into it.
     old = local("residual", post_norm=True)
     new = local("residual", blocks=3, post_norm=True)
-    options = {"rename": {"params": {"blocks.1": "blocks.2"}}}
+    options = {"rename": {"params": {"blocks.0": "blocks.1", "blocks.1": "blocks.2"}}}
     with pytest.raises(PlanError, match="post-LN"):
         plan_specs(old, new, parse_options(options))
     result = surgery(old, new, {**options, "accept_approximate": True})
