@@ -142,7 +142,10 @@ class InteractionMap:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path))
         except (OSError, Exception) as e:  # safetensors raises its own SafetensorError
-            raise MapError(f"cannot read interaction map {str(path)!r}: {e}") from e
+            raise MapError(
+                f"cannot read interaction map {str(path)!r}: {e}. A map file is the safetensors "
+                "file that 'surgery map SPEC --out MAP' writes"
+            ) from e
         if metadata.get("format") != FORMAT:
             raise MapError(
                 f"{str(path)!r} is not an interaction map: format is "

@@ -211,6 +211,11 @@ def _describe(error) -> str:
         return f"{where}: {error.instance!r} is out of range ({error.validator} {error.validator_value})"
     if error.validator == "const" and list(error.absolute_path) == ["version"]:
         return f"version: {error.instance!r} is not supported; this tool reads workflow version {WORKFLOW_VERSION}"
+    if error.validator == "type" and error.validator_value in ("number", "integer") and isinstance(error.instance, str):
+        return (
+            f"{where}: {error.instance!r} is a string, not a number; YAML reads exponents without a "
+            "decimal point (1e-5) as text, so write 1.0e-5"
+        )
     if error.validator == "pattern":
         return f"{where}: {error.instance!r} does not match the required pattern {error.validator_value!r}"
     return f"{where}: {error.message}"

@@ -132,3 +132,10 @@ def test_cli_validate_exit_status(tmp_path):
     failed = run(good, bad)
     assert failed.returncode == 1
     assert "unknown key 'tag'" in failed.stderr
+
+
+def test_exponent_without_decimal_point_is_explained(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(GOOD).replace("tolerance: 1.0e-06", "tolerance: 1e-5"))
+    with pytest.raises(WorkflowError, match=r"verify\.tolerance: '1e-5' is a string, not a number; .*write 1\.0e-5"):
+        load_workflow(path)
