@@ -8,8 +8,11 @@ reads the next block on a second thread while the current one is written.
 
 Blocks are read into two reused buffers of ``block_bytes`` each, which is safe because
 the writer finishes with a block (its sink copies or writes the bytes, and the hash is
-done) before it asks for the next one. So the copy holds two blocks (plus one S3 part
-buffer) whatever the checkpoint size, and fresh pages are not faulted in per block.
+done) before it requests the next one. So the copy keeps two blocks in memory (plus one
+S3 part buffer) whatever the checkpoint size, and fresh pages are not faulted in per block.
+
+Readers without ranged reads (``.pt`` and DCP) hand over one whole tensor at a time,
+because they load whole tensors anyway.
 
 On any error the copy aborts the shard being written, deletes the shards it already
 wrote, and writes no index, so the destination is left as it was.
@@ -89,6 +92,12 @@ def _blocks_of_shard(
         tensors = reader.read_many([spec.name for spec in group], buffer=buffers.next(group_bytes))
         for spec in group:
             yield spec.name, tensors[spec.name]
+
+    if not reader.ranged_reads:
+        # Each read loads a whole tensor (torch.load, DCP), so blocks would only repeat work.
+        for spec in shard.tensors:
+            yield spec.name, reader.read(spec.name)
+        return
 
     for spec in shard.tensors:
         if spec.nbytes <= block_bytes or not spec.shape:

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
+# NOTE: torch 2.13 does not export FsspecReader from torch.distributed.checkpoint, so this
+# imports it from its private module, which a later torch may move.
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner

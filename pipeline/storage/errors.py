@@ -1,7 +1,7 @@
 """Exceptions raised by the storage layer.
 
 Every error names the URL (and the shard and tensor where there is one), states what
-was expected, and says what to do. Each subclasses the built-in exception that callers
+was expected, and states the fix. Each subclasses the built-in exception that callers
 already catch for that kind of failure.
 """
 

@@ -44,7 +44,7 @@ def _descend(value: Any, name: str, tensors: dict[str, torch.Tensor], objects: d
         for key, child in value.items():
             _descend(child, _join(name, str(key)), tensors, objects, where)
         return
-    if isinstance(value, (list, tuple)) and _holds_tensor_or_mapping(value):
+    if isinstance(value, (list, tuple)) and _contains_tensor_or_mapping(value):
         for index, child in enumerate(value):
             _descend(child, _join(name, str(index)), tensors, objects, where)
         return
@@ -63,10 +63,10 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _holds_tensor_or_mapping(values: list[Any] | tuple[Any, ...]) -> bool:
+def _contains_tensor_or_mapping(values: list[Any] | tuple[Any, ...]) -> bool:
     for value in values:
         if isinstance(value, (torch.Tensor, Mapping)):
             return True
-        if isinstance(value, (list, tuple)) and _holds_tensor_or_mapping(value):
+        if isinstance(value, (list, tuple)) and _contains_tensor_or_mapping(value):
             return True
     return False

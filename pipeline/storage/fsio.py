@@ -2,8 +2,8 @@
 
 Local files are read with ``readinto`` straight into the destination tensor, so a
 tensor costs one copy from the page cache. Other filesystems return ``bytes`` from
-``cat_file``, which are then copied into the tensor, so a ranged read briefly holds
-twice its size.
+``cat_file``, which are then copied into the tensor, so a ranged read briefly needs
+twice its size in memory.
 
 Read buffers of 1 MiB and more are anonymous memory maps (see :func:`empty_bytes`),
 so their memory returns to the operating system as soon as the last tensor viewing
@@ -69,7 +69,7 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
     """Return an uninitialized uint8 tensor of ``nbytes`` bytes for a read buffer."""
     if nbytes < _MMAP_BUFFER_BYTES:
         return torch.empty(nbytes, dtype=torch.uint8)
-    # The tensor holds a reference to the map, which is unmapped when the last view dies.
+    # The tensor keeps a reference to the map, which is unmapped when the last view dies.
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 

@@ -1,6 +1,6 @@
 """The reader interface: one abstract base with two primitives, everything else derived.
 
-The execution layer sees only :class:`CheckpointReader`. A format implements:
+The execution layer uses only :class:`CheckpointReader`. A format implements:
 
 1. ``tensors``: the header-only listing, ``{name: TensorInfo}`` in read order (the
    order in which reading every tensor touches each shard front to back).
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 class TensorInfo:
     """Header-only description of one stored tensor.
 
-    ``shard`` is the file, relative to the checkpoint's directory, that holds the
+    ``shard`` is the file, relative to the checkpoint's directory, that contains the
     tensor's bytes (for a DCP checkpoint, the file of its first chunk).
     """
 
@@ -65,6 +65,9 @@ class CheckpointReader(ABC):
     """Read-only access to the named tensors of one checkpoint at an fsspec URL."""
 
     format: ClassVar[str]
+    # True when read_rows and read_many fetch only the requested bytes. Otherwise they
+    # read whole tensors, and callers that stream should read each tensor once.
+    ranged_reads: ClassVar[bool] = False
 
     def __init__(
         self,

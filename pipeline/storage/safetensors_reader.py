@@ -1,6 +1,6 @@
 """Reader for safetensors checkpoints: one file, or shards listed by an index.
 
-The sharded layout is the Hugging Face one: ``model.safetensors.index.json`` holds
+The sharded layout is the Hugging Face one: ``model.safetensors.index.json`` contains
 ``{"metadata": {...}, "weight_map": {tensor: shard_file}}`` next to the shard files.
 
 Only ranged reads are used, so the reader works on any fsspec filesystem:
@@ -83,6 +83,7 @@ class SafetensorsReader(CheckpointReader):
     """
 
     format = "safetensors"
+    ranged_reads = True
 
     def __init__(
         self,
@@ -230,6 +231,12 @@ class SafetensorsReader(CheckpointReader):
         for name, file in weight_map.items():
             validate_tensor_name(name, where=url)
             validate_shard_file(file, where=url, tensor=name)
+            if not file.endswith(".safetensors"):
+                raise CheckpointFormatError(
+                    f"{url}: the index maps tensor {name!r} to {file!r}, which is not a "
+                    ".safetensors file; sharded torch pickles are not supported, so convert the "
+                    "shards to safetensors or open each shard file on its own"
+                )
         metadata = document.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise CheckpointFormatError(f"{url}: invalid index: 'metadata' must be an object")

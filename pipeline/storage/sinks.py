@@ -161,8 +161,8 @@ class S3Sink(ShardSink):
         self._path = path
         self._bucket, self._key, _ = fs.split_path(path)
         self._part_size = part_size
-        # Bodies go to botocore as file objects: aiohttp rejects large raw bytes bodies
-        # because sending them would block its event loop.
+        # Bodies go to botocore as file objects, because aiohttp warns that a large bytes
+        # body blocks its event loop while it is sent.
         self._buffer = io.BytesIO()
         self._parts: list[dict[str, Any]] = []
         self._upload_id: str | None = None

@@ -18,7 +18,7 @@ def sizeof_tensor(tensor: torch.Tensor) -> int:
     """Return the bytes of the tensor's elements plus the Python object's own size.
 
     Like Dask's numpy rule, a view counts only its own elements, not its whole storage.
-    A meta tensor holds no data and counts only the object.
+    A meta tensor has no data and counts only the object.
     """
     if tensor.is_meta:
         return sys.getsizeof(tensor)

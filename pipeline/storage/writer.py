@@ -14,9 +14,9 @@ Call order (steps 1 and 3 on the client, step 2 on workers, in parallel):
    ``model.safetensors.index.json`` (``{"metadata": {"total_size": N},
    "weight_map": {name: shard_file}}``), create-only, as the last object.
 
-Memory: a shard write holds one tensor (or one row block of it) from the source,
-plus one part buffer (``part_size``, 64 MiB by default) on S3. It never holds a whole
-shard.
+Memory: a shard write keeps one tensor (or one row block of it) from the source,
+plus one part buffer (``part_size``, 64 MiB by default) on S3. It never buffers a
+whole shard.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ TensorSource = Union[Mapping[str, torch.Tensor], Callable[[TensorSpec], TensorDa
 # Buffers at least this large are hashed on a second thread while the sink writes
 # them; hashlib releases the GIL for buffers above 2 KiB.
 _PARALLEL_HASH_BYTES = 1 * 2**20
+# Larger buffers are split into chunks of this size, each hashed while it is written, so
+# the second reader of a chunk finds it in the CPU cache. On the 2-core benchmark machine
+# 2 MiB chunks made file:// copies measurably faster than hashing 64 MiB at a time.
+_HASH_CHUNK_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class ShardedWriter:
     """Writes sharded safetensors plus an index under the directory URL ``url``.
 
     ``max_shard_bytes`` is the tensor-byte budget per shard. ``part_size`` is the S3
-    multipart part size in bytes (5 MiB to 5 GiB). The writer holds only settings, so
+    multipart part size in bytes (5 MiB to 5 GiB). The writer stores only settings, so
     it pickles cheaply to Dask workers.
     """
 
@@ -114,6 +118,7 @@ class ShardedWriter:
                         f"{end - begin} for shape {list(current.shape)} x {current.dtype}"
                     )
                 logger.debug("wrote %s to %s (%d bytes)", current.name, shard.file, written)
+            current = None
             if stream.size != shard.file_size:
                 raise ShardWriteError(
                     f"{sink.url}: wrote {stream.size} bytes, expected {shard.file_size} from the plan"
@@ -133,7 +138,7 @@ class ShardedWriter:
     def write_index(self, plan: Sequence[ShardPlan], records: Sequence[ShardRecord]) -> str:
         """Write ``model.safetensors.index.json`` for a fully written plan; return its URL.
 
-        Raises ValueError unless ``records`` holds exactly one record per planned
+        Raises ValueError unless ``records`` contains exactly one record per planned
         shard, with the planned size.
         """
         by_file = {record.file: record for record in records}
@@ -245,13 +250,17 @@ class _HashingStream:
         if len(data) < _PARALLEL_HASH_BYTES:
             self._digest.update(data)
             self._sink.write(data)
-        else:
-            hashed = self._executor.submit(self._digest.update, data)
+            self.size += len(data)
+            return
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _HASH_CHUNK_BYTES):
+            chunk = view[start : start + _HASH_CHUNK_BYTES]
+            hashed = self._executor.submit(self._digest.update, chunk)
             try:
-                self._sink.write(data)
+                self._sink.write(chunk)
             finally:
                 hashed.result()
-        self.size += len(data)
+            self.size += len(chunk)
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()

@@ -235,6 +235,16 @@ def test_index_shard_name_that_leaves_directory(tmp_path, shard, reason):
     )
 
 
+def test_index_of_torch_pickle_shards(tmp_path):
+    url = _index(tmp_path, {"w": "pytorch_model-00001-of-00002.bin"})
+
+    assert _copy_fails(tmp_path, url, CheckpointFormatError) == (
+        f"{url}: the index maps tensor 'w' to 'pytorch_model-00001-of-00002.bin', which is not a "
+        ".safetensors file; sharded torch pickles are not supported, so convert the shards to "
+        "safetensors or open each shard file on its own"
+    )
+
+
 def test_empty_index(tmp_path):
     url = _index(tmp_path, {})
 

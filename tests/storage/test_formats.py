@@ -129,3 +129,20 @@ def test_dcp_read_rows_and_copy(tmp_path):
     copied = open_checkpoint(str(tmp_path / "out"), digests=result.digests)
     assert list(copied.tensors) == ["model.embed", "model.bias", "optimizer.state.embed.exp_avg"]
     assert torch.equal(copied.read("optimizer.state.embed.exp_avg"), state["optimizer"]["state"]["embed"]["exp_avg"])
+
+
+def test_torch_pickle_copies_to_safetensors(tmp_path):
+    state = {"model": {"embed": torch.randn(300, 8), "bias": torch.randn(8)}, "epoch": 3}
+    torch.save(state, tmp_path / "train.pt")
+    reader = open_checkpoint(str(tmp_path / "train.pt"))
+
+    result = copy_checkpoint(reader, ShardedWriter(str(tmp_path / "out"), max_shard_bytes=5000), block_bytes=1000)
+
+    assert [record.file for record in result.records] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    copied = open_checkpoint(str(tmp_path / "out"), digests=result.digests)
+    assert list(copied.tensors) == ["model.embed", "model.bias"]
+    assert torch.equal(copied.read("model.embed"), state["model"]["embed"])
+    assert torch.equal(copied.read("model.bias"), state["model"]["bias"])
