@@ -61,18 +61,26 @@ def _progress(args):
 
 
 def _errors():
+    from distributed import KilledWorker
+
     from pipeline.execution.job import RunError
     from pipeline.execution.sources import SourceError
     from pipeline.models.spec import SpecError
     from pipeline.plan import PlanError
-    from pipeline.registry import RegistryFormatError, VersionExistsError, VersionNotFoundError, ModelNotFoundError
+    from pipeline.registry import (
+        ClaimLostError, ModelNotFoundError, RegistryFormatError, TagConflictError, VersionExistsError,
+        VersionNotFoundError,
+    )
     from pipeline.storage import CheckpointFormatError, IntegrityError, ObjectExistsError
     from pipeline.workflow import WorkflowError
 
+    # KilledWorker: Dask gave up on a task whose workers kept dying; the run aborted its
+    # publications. TagConflictError: the version is published but a tag did not move.
     return (
         RunError, SourceError, SpecError, PlanError, RegistryFormatError, VersionExistsError,
         VersionNotFoundError, ModelNotFoundError, CheckpointFormatError, IntegrityError,
-        ObjectExistsError, WorkflowError, ConnectionError,
+        ObjectExistsError, WorkflowError, ConnectionError, KilledWorker, TagConflictError,
+        ClaimLostError,
     )
 
 
@@ -195,7 +203,8 @@ def run_demo(args) -> int:
                 registry,
                 "minilm",
             )
-            print(f"imported all-MiniLM-L6-v2 as {published.url}", flush=True)
+            # With --json, stdout carries only the JSON summary.
+            print(f"imported all-MiniLM-L6-v2 as {published.url}", file=sys.stderr if args.json else sys.stdout, flush=True)
         workflow = load_workflow(workflow_path)
         with connect(args.scheduler, workers=args.workers) as client:
             if not args.json:

@@ -5,7 +5,8 @@ Phases, in order (the client coordinates, workers do the heavy work):
 1. sources: resolve the workflow's sources; re-hash registry sources against their
    manifests on workers, so a corrupted source stops the run before anything is written;
 2. maps: the old and new models' set maps, one Dask task each;
-3. plan: built once on the client from the two maps;
+3. plan: built once on the client from the two maps; then every source's checkpoint
+   headers are checked against the tensors and shapes the plan reads;
 4. shards: for every source, claim a version in the destination registry, then write
    each output shard in its own task, reading only the old tensors that shard needs;
 5. verify: per source, a task (on a GPU worker when the cluster has one) loads the old
@@ -126,6 +127,9 @@ def run_workflow(workflow: Workflow, client: Client, *, dry_run: bool = False, p
         checks = [client.submit(tasks.check_source_task, s, pure=False, key=f"check-{run_id}-{i}") for i, s in enumerate(sources)]
         progress("sources", checks)
         client.gather(checks)
+        # Each phase drops its futures once it has their results: the scheduler recomputes
+        # a finished task whose result dies with a worker for as long as a future references it.
+        del checks
     timings["sources"] = time.perf_counter() - started
     logger.info("run %s: %d source checkpoint(s): %s", run_id, len(sources), ", ".join(s.label for s in sources))
 
@@ -137,6 +141,7 @@ def run_workflow(workflow: Workflow, client: Client, *, dry_run: bool = False, p
     ]
     progress("maps", map_futures)
     old_map, new_map = client.gather(map_futures)
+    del map_futures
     timings["maps"] = time.perf_counter() - started
 
     # 3. Plan, once.
@@ -150,8 +155,10 @@ def run_workflow(workflow: Workflow, client: Client, *, dry_run: bool = False, p
     logger.info("plan %s: %s", plan.sha256()[:12], "exact" if plan.exact else "approximate")
     old_names = [name for name, _ in old_side.module.named_parameters()]
 
+    # Every run reads the source headers here, so a source that lacks a tensor the plan
+    # reads, or stores it with another shape, stops the run before a version is claimed.
+    _check_headers(plan, sources)
     if dry_run:
-        _check_headers(plan, sources)
         return RunResult(workflow.name, plan.sha256(), True, [], timings, table)
 
     registry = Registry(workflow.destination.registry, workflow.destination.storage_options)
@@ -170,7 +177,7 @@ def run_workflow(workflow: Workflow, client: Client, *, dry_run: bool = False, p
 
 def _run(workflow, client, plan, table, sources, old_spec, old_names, registry, publications, run_id, timings, progress, new_side) -> RunResult:
     destination = workflow.destination
-    plan_future = client.scatter(plan, broadcast=True)
+    plan_future = client.submit(tasks.plan_task, plan, pure=False, key=f"plan-{run_id}")
 
     # 4. Claim a version per source, then write every shard in its own task.
     started = time.perf_counter()
@@ -201,6 +208,10 @@ def _run(workflow, client, plan, table, sources, old_spec, old_names, registry, 
     records = {}
     for source, publication, model_plan, model_futures, optimizer_plan, optimizer_futures in jobs:
         records[publication.url] = (client.gather(model_futures), client.gather(optimizer_futures) if optimizer_futures else None)
+    # A shard task recomputed after this point would delete and rewrite a shard that verify
+    # is reading or that a manifest already lists, so no shard future outlives its record.
+    jobs = [(source, publication, model_plan, optimizer_plan) for source, publication, model_plan, _, optimizer_plan, _ in jobs]
+    del shard_futures, model_futures, optimizer_futures
     timings["shards"] = time.perf_counter() - started
 
     # 5. Verify each new checkpoint against its source.
@@ -225,6 +236,7 @@ def _run(workflow, client, plan, table, sources, old_spec, old_names, registry, 
         )
     progress("verify", verify_futures)
     reports = client.gather(verify_futures)
+    del verify_futures
     timings["verify"] = time.perf_counter() - started
     failed = [(job[0], report) for job, report in zip(jobs, reports) if not report["passed"]]
     if failed:
@@ -236,7 +248,7 @@ def _run(workflow, client, plan, table, sources, old_spec, old_names, registry, 
     extra_files = model_files(workflow.new_spec, new_side.module, new_side.schema)
     results = []
     summary = summarise_plan(plan)
-    for (source, publication, model_plan, _, optimizer_plan, _), report in zip(jobs, reports):
+    for (source, publication, model_plan, optimizer_plan), report in zip(jobs, reports):
         model_records, optimizer_records = records[publication.url]
         for name, data in extra_files.items():
             publication.add_file(name, data)

@@ -7,6 +7,9 @@ versions newer than the newest one already migrated, and runs the workflow on th
 Each scheduled migration publishes destination version = source version id. Two
 schedulers that pick up the same source version therefore claim the same destination
 version, and the registry's create-only claim lets exactly one of them publish.
+
+NOTE: schedulers that publish different versions at once move the workflow's tags in
+the order their commits finish, so a tag such as ``latest`` can end on the older version.
 """
 
 from __future__ import annotations

@@ -34,6 +34,17 @@ def map_task(spec_json: dict[str, Any]) -> InteractionMap:
     return set_map(module, schema)
 
 
+def plan_task(plan: Plan) -> Plan:
+    """Return ``plan``, so that shard and verify tasks depend on a task result.
+
+    A task result is recomputed when the worker that stores it dies. Scattered data is not,
+    and Dask's active memory manager keeps a single replica of it even after
+    ``scatter(broadcast=True)``, so one dead worker would lose a scattered plan and fail
+    the run.
+    """
+    return plan
+
+
 def check_source_task(source: SourceRef) -> str:
     """Re-hash a registry source against its manifest before anything is written."""
     source.verify()
