@@ -1,7 +1,7 @@
 """Import a plain checkpoint into the registry, as the first version of a lineage.
 
 The import streams tensors from the checkpoint reader to the registry's shard writer one
-at a time, so it holds one tensor in memory. It checks that the checkpoint fits the
+at a time, so it keeps one tensor in memory. It checks that the checkpoint fits the
 model spec (names and shapes of the model's state dict) before it claims a version.
 """
 

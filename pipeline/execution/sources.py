@@ -143,7 +143,7 @@ def optimizer_entries(reader: CheckpointReader, old_param_names: list[str]) -> d
 
     Keys after ``optimizer.state.`` are parameter names (registry versions, DCP) or
     integer positions (``torch.optim.Optimizer.state_dict()``), which follow the order
-    of the old model's ``named_parameters()`` as ``Adam(model.parameters())`` sees them.
+    of the old model's ``named_parameters()`` as ``Adam(model.parameters())`` receives them.
     """
     entries: dict[tuple[str, str], str] = {}
     known = set(old_param_names)

@@ -125,7 +125,7 @@ def verify_task(
 ) -> dict[str, Any]:
     """Load the old checkpoint and the shards just written, and compare the two models.
 
-    Runs on a GPU when the worker has one (the task asks for the ``GPU`` resource when
+    Runs on a GPU when the worker has one (the task requests the ``GPU`` resource when
     the cluster advertises it), otherwise on the CPU.
     """
     from pipeline.plan.verify import verify_plan

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -184,14 +184,3 @@ def _intern_dense(table: SetTable, touches: torch.Tensor, weights: list[int]) ->
                 bits |= weights[i]
         ids.append(table.intern(bits))
     return torch.tensor(ids, dtype=torch.int64)[inverse].reshape(touches.shape[:-1])
-
-
-def map_json(imap: InteractionMap) -> dict[str, Any]:
-    """Return a JSON summary of a map: per parameter, the counts that ``surgery map`` prints."""
-    from pipeline.maps.summary import summarise
-
-    return summarise(imap)
-
-
-def iter_atoms(imap: InteractionMap, ids: Iterable[int]) -> list[str]:
-    return [str(imap.atoms[i]) for i in ids]

@@ -50,7 +50,11 @@ class ModelStructure:
         """
         _, module, local = self.owner(param_name)
         if isinstance(module, (nn.LSTM, nn.LSTMCell, nn.GRU, nn.GRUCell, nn.RNN, nn.RNNCell)):
-            gates = 4 if isinstance(module, (nn.LSTM, nn.LSTMCell)) else 3 if isinstance(module, (nn.GRU, nn.GRUCell)) else 1
+            gates = 1
+            if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+                gates = 4
+            elif isinstance(module, (nn.GRU, nn.GRUCell)):
+                gates = 3
             if local.startswith(("weight_ih", "weight_hh", "bias_ih", "bias_hh")) and gates > 1:
                 return {0: gates}
         if isinstance(module, nn.MultiheadAttention) and local in ("in_proj_weight", "in_proj_bias"):
@@ -92,7 +96,11 @@ class ModelStructure:
             return InitScale("uniform", math.sqrt(6 / (fan_in + fan_out)), "Xavier-uniform init of nn.MultiheadAttention")
         if isinstance(module, NORM_TYPES + (nn.modules.batchnorm._NormBase,)):
             return InitScale("constant", 1.0 if local == "weight" else 0.0, f"default init of {kind}")
-        fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0] if shape else 1
+        fan_in = 1
+        if len(shape) > 1:
+            fan_in = math.prod(shape[1:])
+        elif shape:
+            fan_in = shape[0]
         return InitScale("uniform", 1 / math.sqrt(max(fan_in, 1)), f"U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for {kind}, which has no known default init")
 
     def is_norm(self, param_name: str) -> bool:

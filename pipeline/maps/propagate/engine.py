@@ -46,7 +46,7 @@ class Engine:
     ) -> Operand:
         """Propagate through an op whose dependency structure an einsum string describes.
 
-        ``operands`` holds ``(value, letters, shape)``; letters align with the operand's
+        ``operands`` contains ``(value, letters, shape)``; letters align with the operand's
         axes. An operand whose size along a letter is 1 while the output's is larger is
         broadcast along it: one element meets every output position on that axis.
         """
@@ -111,7 +111,7 @@ class Engine:
     # mix --------------------------------------------------------------------------------
 
     def mix(self, value: Operand, shape: tuple[int, ...], dims: Sequence[int]) -> Operand:
-        """Every output element depends on all input elements along ``dims``."""
+        """Propagate through an op whose every output element depends on all inputs along ``dims``."""
         dims = tuple(d % len(shape) for d in dims) if shape else ()
         if value is None:
             return None

@@ -41,11 +41,6 @@ class SetValue:
             ids = ids.unsqueeze(0)
         self.bwd = ids if self.bwd is None else table.union(self.bwd, ids)
 
-    def bwd_or_empty(self) -> torch.Tensor:
-        if self.bwd is None:
-            return torch.zeros((1,) * len(self.shape), dtype=torch.int64)
-        return self.bwd
-
 
 @dataclass
 class ParamRecord:
@@ -79,7 +74,7 @@ class AxisMap:
 
 @dataclass(frozen=True)
 class ParamView:
-    """Which elements of one parameter a tensor holds."""
+    """The elements of one parameter that a tensor contains."""
 
     param: ParamRecord
     axes: tuple[AxisMap, ...]

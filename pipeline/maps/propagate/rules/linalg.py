@@ -39,16 +39,24 @@ def dot(ix, func, args, kwargs, out):
     _contract(ix, out, [(args[0], "k"), (args[1], "k")], "")
 
 
+# Per op: (argument name, axis letters) of both factors, and the output's letters.
+_PRODUCTS = {
+    "addmm": (("mat1", "mk"), ("mat2", "kn"), "mn"),
+    "baddbmm": (("batch1", "bmk"), ("batch2", "bkn"), "bmn"),
+    "addmv": (("mat", "mk"), ("vec", "k"), "m"),
+}
+
+
 @rule("addmm", "baddbmm", "addmv")
 def add_product(ix, func, args, kwargs, out):
     """``beta * self + alpha * (a @ b)``: self acts like a bias on the product."""
     bound = bind(func, args, kwargs)
     name = op_name(func)
-    pattern = {"addmm": ("mk", "kn", "mn"), "baddbmm": ("bmk", "bkn", "bmn"), "addmv": ("mk", "k", "m")}[name]
-    a_letters, b_letters, out_letters = pattern
+    (a_name, a_letters), (b_name, b_letters), out_letters = _PRODUCTS[name]
     base = bound["self"]
+    a, b = bound[a_name], bound[b_name]
     product = ix.engine.einsum(
-        [(ix.value(bound[k]), l, shape(bound[k])) for k, l in (("mat1" if name == "addmm" else "batch1" if name == "baddbmm" else "mat", a_letters), ("mat2" if name == "addmm" else "batch2" if name == "baddbmm" else "vec", b_letters))],
+        [(ix.value(a), a_letters, shape(a)), (ix.value(b), b_letters, shape(b))],
         out_letters,
         shape(out),
     )

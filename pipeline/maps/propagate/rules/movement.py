@@ -108,6 +108,9 @@ def _regroup_view(view: ParamView, matched: list[int | None], out_shape) -> Para
 
 def _reshape_view(view: ParamView, before, after, module_path: str) -> ParamView:
     """Reshape a whole, untouched parameter into any shape by treating it as opaque."""
+    # NOTE: torch.matmul of a weight with an activation of rank 4 or more expands the
+    # weight over the batch axes and then merges them, which reaches this error; such
+    # models cannot be mapped yet (random property-test examples found it).
     untouched = all(a.param_axis == i and a.index is None for i, a in enumerate(view.axes)) and not view.fixed
     if not untouched or len(view.axes) != len(view.param.shape):
         raise UnsupportedOpError(

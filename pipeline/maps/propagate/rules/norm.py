@@ -62,7 +62,7 @@ def channel_norm(ix, func, args, kwargs, out):
 
 
 def _group_mix(ix, value, x_shape, groups: int):
-    """Every element of a channel group depends on all positions of all its channels."""
+    """Propagate through group norm: each element depends on every position of its group's channels."""
     if not isinstance(value, SetValue):
         return value
     table = ix.table

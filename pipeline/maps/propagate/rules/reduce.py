@@ -53,7 +53,7 @@ def _out_letters(x_letters: str, dims: tuple[int, ...], out_ndim: int) -> str:
 
 @rule("_softmax", "_log_softmax", "_safe_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "sort", "topk", "softmax", "log_softmax")
 def mix_along(ix, func, args, kwargs, out):
-    """Each output element depends on every element along ``dim``."""
+    """Propagate through an op whose each output element depends on every element along ``dim``."""
     bound = bind(func, args, kwargs)
     x = bound["self"]
     dim = bound.get("dim", -1)
